@@ -58,8 +58,14 @@ def make_wandb_logger(
 
 
 def finish_wandb() -> None:
-    """Close the open run: a second WandbLogger in one process would otherwise silently reuse it."""
+    """Close the open run and flush its files.
+
+    A second WandbLogger in one process would otherwise silently reuse the open run. ``wandb.finish`` returns
+    before wandb's core process has written the offline ``.wandb`` file; ``teardown`` waits for that, so the run
+    folder is complete (and readable by tests or ``wandb sync``) once this returns.
+    """
     import wandb
 
     if wandb.run is not None:
         wandb.finish()
+        wandb.teardown()
