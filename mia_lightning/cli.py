@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.audit import MembershipAudit
+from callbacks.snapshot import ParameterSnapshot
 from datamodules.base import MembershipDataModule
 from mia_lightning.run import RunFolder, atomic_write_text
 from mia_lightning.target import TargetModule
@@ -39,14 +41,12 @@ class MiaCLI(LightningCLI):
     """LightningCLI plus the run folder contract, W&B defaults and the end-of-fit audit."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
-        default_configs = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
         super().__init__(
             TargetModule,
             MembershipDataModule,
             subclass_mode_data=True,
             save_config_callback=None,
             auto_configure_optimizers=False,
-            parser_kwargs={sub: {"default_config_files": default_configs} for sub in TRAINER_COMMANDS},
             args=args,
             run=run,
         )
@@ -59,6 +59,8 @@ class MiaCLI(LightningCLI):
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="replace a finished run of the same name instead of refusing")
         parser.add_dataclass_arguments(WandbOptions, "wandb")
+        parser.add_lightning_class_args(ParameterSnapshot, "snapshots")
+        parser.set_defaults({"snapshots.last": True})
         parser.add_lightning_class_args(MembershipAudit, "audit")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.input_shape", "model.input_shape", apply_on="instantiate")
@@ -69,6 +71,9 @@ class MiaCLI(LightningCLI):
         max_epochs = cfg.trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
             raise ValueError(f"trainer.max_epochs must be >= 1, got {max_epochs}")
+        beyond = [e for e in cfg.snapshots.epochs or [] if e > max_epochs]
+        if beyond:
+            raise ValueError(f"snapshots.epochs {beyond} lie beyond trainer.max_epochs={max_epochs}")
         runs_dir = Path(cfg.runs_dir)
         if cfg.run_name:
             run = RunFolder(runs_dir / cfg.run_name)
@@ -153,6 +158,11 @@ def main(argv: list[str] | None = None) -> None:
         return
     command = argv[0]
     if command in TRAINER_COMMANDS:
+        if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.exists():
+            # The default config applies only when none is given, so other configs inherit nothing from it.
+            argv = [command, "--config", str(DEFAULT_CONFIG), *argv[1:]]
+            from_command_line = False
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         MiaCLI(args=None if from_command_line else argv)
         return
     if command in ORCHESTRATION_COMMANDS:

@@ -40,4 +40,4 @@ def build_model(arch: str, num_classes: int, input_shape: tuple[int, ...], **arc
 
 
 # Importing the modules registers their architectures.
-from mia_lightning.models import cnn, fc  # noqa: E402,F401
+from mia_lightning.models import alexnet, cnn, densenet, fc, resnet  # noqa: E402,F401
