@@ -235,6 +235,8 @@ class MembershipDataModule(L.LightningDataModule):
         self.split_file = split_file
         self.poisson_sampling = False
         self.split: MembershipSplit | None = None
+        self._train_generator: torch.Generator | None = None
+        self._resumed_train_generator_state: torch.Tensor | None = None
         self._eval_dataset: Dataset | None = None
         self._train_dataset: Dataset | None = None
 
@@ -307,17 +309,32 @@ class MembershipDataModule(L.LightningDataModule):
 
     # -- loaders -----------------------------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(self.seed)
+        """The train loader's generator: seeded afresh for each fit, or continued from a resumed checkpoint."""
+        generator = torch.Generator().manual_seed(self.seed)
+        if self._resumed_train_generator_state is not None:
+            generator.set_state(self._resumed_train_generator_state)
+            self._resumed_train_generator_state = None
+        self._train_generator = generator
+        return generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Saved in Lightning checkpoints, so a resumed fit draws new batches rather than those of its first epochs
+        again (DP-SGD's accountant assumes every Poisson draw is independent)."""
+        return {} if self._train_generator is None else {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self._resumed_train_generator_state = state_dict.get("train_generator")
 
     def train_dataloader(self) -> DataLoader:
         members = self.part("members", train=True)
         if self.poisson_sampling:
-            from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+            from opacus.data_loader import DPDataLoader
 
-            sampler = UniformWithReplacementSampler(
-                num_samples=len(members), sample_rate=self.batch_size / len(members), generator=self._generator()
+            # Opacus' Poisson loader: its collate turns an empty draw into an empty batch instead of failing.
+            return DPDataLoader(
+                members, sample_rate=self.batch_size / len(members), generator=self._generator(),
+                num_workers=self.num_workers,
             )
-            return DataLoader(members, batch_sampler=sampler, num_workers=self.num_workers)
         return DataLoader(
             members, batch_size=self.batch_size, shuffle=True, generator=self._generator(),
             num_workers=self.num_workers,

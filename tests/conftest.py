@@ -7,7 +7,7 @@ os.environ.setdefault("WANDB_DISABLE_CODE", "true")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one thread avoids contention overhead on a 2-core machine
 
 
 @pytest.fixture(autouse=True)
