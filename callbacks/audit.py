@@ -1,40 +1,88 @@
-"""The end-of-fit audit: evaluates the target and writes the run's metrics.json."""
+"""The end-of-fit audit: evaluate the target, run the membership attacks, write metrics, plots and report."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from mia_lightning.audit import (
+    DEFAULT_ATTACKS,
+    check_attack_names,
+    load_snapshot_models,
+    run_audit,
+    write_audit_outputs,
+)
+from mia_lightning.report import print_attack_table
 from mia_lightning.run import RunFolder
 from mia_lightning.target import evaluate_accuracy
 
 
 class MembershipAudit(L.Callback):
-    """At the end of ``fit``: target train/test accuracy (members / non-members, eval mode) into metrics.json.
+    """At the end of ``fit``: target train/test accuracy, then every configured attack, into the run folder.
 
     Args:
+        attacks: attack names (``mia_lightning.attacks.ATTACKS``); ``[]`` records the target's accuracy only.
+        attack_kwargs: per-attack settings, e.g. ``{"whitebox": {"gradient_layers": ["fc3"], "epochs": 30}}``.
+        per_epoch_attacks: single-snapshot attacks also scored at every parameter snapshot (leakage vs epoch).
         run_dir: the run folder; ``None`` means the trainer's ``default_root_dir``.
+        progress: progress bars for feature extraction and attack training.
     """
 
-    def __init__(self, run_dir: str | None = None) -> None:
+    def __init__(
+        self,
+        attacks: list[str] | None = None,
+        attack_kwargs: dict[str, dict] | None = None,
+        per_epoch_attacks: list[str] | None = None,
+        run_dir: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.attacks = list(DEFAULT_ATTACKS if attacks is None else attacks)
+        self.per_epoch_attacks = list(per_epoch_attacks or [])
+        check_attack_names(self.attacks)
+        check_attack_names(self.per_epoch_attacks)
+        self.attack_kwargs = dict(attack_kwargs or {})
         self.run_dir = run_dir
+        self.progress = progress
 
     def run_folder(self, trainer: L.Trainer) -> RunFolder:
         return RunFolder(Path(self.run_dir or trainer.default_root_dir))
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.interrupted:
+        if trainer.interrupted:
             return
-        dm = trainer.datamodule
+        run, dm = self.run_folder(trainer), trainer.datamodule
         target = {
             "train_acc": evaluate_accuracy(pl_module.model, dm.part_dataloader("members")),
             "test_acc": evaluate_accuracy(pl_module.model, dm.part_dataloader("nonmembers")),
             "epochs": int(trainer.current_epoch),
             "dp": pl_module.dp_summary() if hasattr(pl_module, "dp_summary") else None,
         }
-        self.run_folder(trainer).update_metrics(target=target)
+        metrics = run.update_metrics(target=target)
+        wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         for logger in trainer.loggers:
             logger.log_metrics({f"target/{k}": v for k, v in target.items() if isinstance(v, (int, float))})
+        if not self.attacks:
+            return
+        result = run_audit(
+            pl_module.model,
+            dm,
+            attacks=self.attacks,
+            snapshot_models=load_snapshot_models(run),
+            attack_kwargs=self.attack_kwargs,
+            per_epoch_attacks=self.per_epoch_attacks,
+            delta=(target["dp"] or {}).get("delta"),
+            seed=dm.seed,
+            progress=self.progress,
+        )
+        metrics = write_audit_outputs(run, result, dm.split.sizes())
+        print_attack_table(result.attacks, target, title=f"membership inference audit: {run.name}")
+        for name, why in result.skipped.items():
+            print(f"skipped {name}: {why}")
+        if wandb_run is not None:
+            from mia_lightning.wandb_audit import log_audit
+
+            log_audit(wandb_run, metrics, result.scores, run.plots)

@@ -1,0 +1,1 @@
+"""Orchestration commands beside LightningCLI's ``fit``: ``attack``, ``compare``, ``federated``."""
