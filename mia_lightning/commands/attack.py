@@ -49,7 +49,11 @@ def main(argv: list[str]) -> None:
     audit_cfg = config.get("audit") or {}
     attacks = args.attacks if args.attacks is not None else audit_cfg.get("attacks") or []
     per_epoch = args.per_epoch_attacks if args.per_epoch_attacks is not None else audit_cfg.get("per_epoch_attacks")
-    attack_kwargs = args.attack_kwargs if args.attack_kwargs is not None else audit_cfg.get("attack_kwargs")
+    if args.attack_kwargs is not None:
+        attack_kwargs = args.attack_kwargs
+    else:  # the run's settings for the attacks that run now
+        attack_kwargs = {k: v for k, v in (audit_cfg.get("attack_kwargs") or {}).items()
+                         if k in attacks or k in (per_epoch or [])}
     check_attack_names(attacks)
     check_attack_names(per_epoch or [])
     if not attacks:
