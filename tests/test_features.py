@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections import OrderedDict
 from decimal import Decimal, localcontext
 
@@ -87,7 +88,7 @@ def naive_features(
         p.requires_grad_(True)
     modules = dict(model.named_modules())
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name in {*spec.outputs, *spec.gradients} - {"output"}:
+    for name in {*spec.outputs, *spec.gradients} - {"output", "log_output"}:
         modules[name].register_forward_hook(
             lambda m, args, out, name=name: seen.__setitem__(
                 name, (args[0].detach().clone(), out.detach().clone())
@@ -101,7 +102,12 @@ def naive_features(
         loss.backward()
         example = {"loss": loss.detach().reshape(1), "label": F.one_hot(y[i], logits.shape[1]).double()}
         for name in spec.outputs:
-            output = torch.softmax(logits.detach(), 1) if name == "output" else seen[name][1]
+            if name == "output":
+                output = torch.softmax(logits.detach(), 1)
+            elif name == "log_output":
+                output = torch.log_softmax(logits.detach(), 1)
+            else:
+                output = seen[name][1]
             example[f"output/{name}"] = output.flatten()
         for name in spec.gradients:
             layer = modules[name]
@@ -150,7 +156,9 @@ def test_fc_all_layers_match_naive_loop(factorise_linear):
     x, y = records(21, (6,), 4)
     names = [name for name, _ in model.named_children()]
     spec = FeatureSpec(
-        outputs=("output", *names), gradients=("fc1", "fc2", "fc3"), factorise_linear=factorise_linear
+        outputs=("output", "log_output", *names),
+        gradients=("fc1", "fc2", "fc3"),
+        factorise_linear=factorise_linear,
     )
     features = extract_whitebox_features(model, (x, y), spec, chunk_size=8)
 
@@ -326,6 +334,49 @@ def test_feature_set_save_and_load_roundtrip(tmp_path):
         FeatureSet.load(tmp_path / "nowhere")
     with pytest.raises(KeyError, match="layers with gradients"):
         features.gradient_norm("fc1")
+
+
+def margin_model(margins: list[float]) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A float32 Linear whose logits are (m, 0, 0) for input m, and those inputs labelled 0."""
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(1, 3)))
+    with torch.no_grad():
+        model.fc1.weight.copy_(torch.tensor([[1.0], [0.0], [0.0]]))
+        model.fc1.bias.zero_()
+    return model, torch.tensor(margins).reshape(-1, 1), torch.zeros(len(margins), dtype=torch.long)
+
+
+def test_loss_of_confident_predictions_keeps_its_value_and_order():
+    margins = [10.0, 30.0, 40.0, 80.0]
+    model, x, y = margin_model(margins)
+    spec = FeatureSpec(outputs=("output", "log_output"), gradients=("fc1",))
+    features = extract_whitebox_features(model, (x, y), spec)
+    loss = features["loss"][:, 0, 0]
+    # The naive float32 cross-entropy rounds every margin past ~17 to a loss of exactly 0: a tie.
+    assert F.cross_entropy(model(x), y, reduction="none")[1:].tolist() == [0.0, 0.0, 0.0]
+    # The stored loss is log(1 + 2 exp(-m)), to float32 precision, so it stays ordered.
+    exact = torch.tensor([math.log1p(2 * math.exp(-m)) for m in margins])
+    torch.testing.assert_close(loss, exact, rtol=1e-5, atol=0.0)
+    assert (loss[:-1] > loss[1:]).all()
+    # The back-propagated error of the true class is -(1 - p_y) = -2 exp(-m), not a rounded 0.
+    error = features["grad/fc1/error"][:, 0]
+    complement = torch.tensor([2 * math.exp(-m) / (1 + 2 * math.exp(-m)) for m in margins])
+    torch.testing.assert_close(error[:, 0], -complement, rtol=1e-5, atol=0.0)
+    # log_output keeps -m for the other classes, where the softmax keeps only 1.0 for the true one.
+    torch.testing.assert_close(features["output/log_output"][:, 0, 1], -torch.tensor(margins) - exact)
+    assert features["output/output"][1:, 0, 0].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_per_example_loss_equals_cross_entropy_in_value_and_gradient():
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(40, 7, generator=generator, dtype=torch.float64) * 5).requires_grad_()
+    targets = torch.randint(0, 7, (40,), generator=generator)
+    stable = per_example_loss(logits, targets)
+    naive = F.cross_entropy(logits, targets, reduction="none")
+    torch.testing.assert_close(stable, naive, **TOL)
+    weights = torch.rand(40, generator=generator, dtype=torch.float64)
+    (stable_grad,) = torch.autograd.grad((stable * weights).sum(), logits)
+    (naive_grad,) = torch.autograd.grad((naive * weights).sum(), logits)
+    torch.testing.assert_close(stable_grad, naive_grad, **TOL)
 
 
 def test_float32_model_gives_float32_features_close_to_float64():
