@@ -34,6 +34,8 @@ def _resolve_count(value: int | float, pool: int, what: str) -> int:
     """A size given as a count (int >= 0) or a fraction of ``pool`` (float in (0, 1])."""
     if isinstance(value, bool):
         raise ValueError(f"{what} must be a count or a fraction, got {value!r}")
+    if isinstance(value, float) and value > 1.0 and value.is_integer():
+        value = int(value)  # "150" on the command line may arrive as 150.0: a count, not a fraction
     if isinstance(value, float):
         if not 0.0 < value <= 1.0:
             raise ValueError(f"{what} as a fraction must be in (0, 1], got {value}")

@@ -7,7 +7,8 @@ from wandb_log import history_keys, read_records, run_log, run_record
 
 from mia_lightning.cli import main
 
-QUICK = ("--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false")
+QUICK = ("--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false", "--snapshots.epochs", "[]",
+         "--audit.attacks", "[loss]", "--audit.per_epoch_attacks", "[]")
 
 
 def test_fit_writes_the_run_folder_contract(fit):

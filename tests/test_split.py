@@ -30,6 +30,12 @@ def test_split_sizes_as_counts_or_fractions():
                          "attack_train_nonmembers": 100, "attack_test_members": 50, "attack_test_nonmembers": 50}
 
 
+def test_integral_floats_above_one_are_counts():
+    assert draw(num_members=400.0, attack_test_members=50.0).sizes()["attack_test_members"] == 50
+    with pytest.raises(ValueError, match="fraction must be in"):
+        draw(num_members=2.5)
+
+
 def test_split_is_reproducible_from_seed_and_changes_with_it():
     a, b, c = draw(), draw(), draw(seed=4)
     for part in PARTS:
