@@ -31,11 +31,30 @@ def check_online_possible(options: WandbOptions) -> None:
         )
 
 
+def quiet_settings():
+    """No console capture, system stats or git probing: a run records what the toolkit logs, nothing else."""
+    import wandb
+
+    return wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True)
+
+
+def start_wandb_run(options: WandbOptions, run_dir: Path, name: str, group: str | None, job_type: str,
+                    config: dict[str, Any]):
+    """A plain W&B run beside a run folder's own (the ``attack`` command's, a federation's)."""
+    import wandb
+
+    check_online_possible(options)
+    return wandb.init(
+        project=options.project, entity=options.entity, dir=str(run_dir), group=group, job_type=job_type,
+        name=name, mode="online" if options.online else "offline", tags=list(options.tags) or None,
+        config=config, settings=quiet_settings(),
+    )
+
+
 def make_wandb_logger(
     options: WandbOptions, run_dir: Path, name: str, group: str, job_type: str, config: dict[str, Any]
 ):
     """A WandbLogger writing under ``run_dir/wandb``; ``group``/``job_type`` let the W&B UI compare arms."""
-    import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     check_online_possible(options)
@@ -53,7 +72,7 @@ def make_wandb_logger(
         job_type=job_type,
         tags=list(options.tags) or None,
         config=config,
-        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
+        settings=quiet_settings(),
     )
 
 

@@ -85,18 +85,13 @@ def log_to_wandb(run: RunFolder, config: dict[str, Any], metrics: dict[str, Any]
     """A new W&B run in the same group, ``job_type="attack"``, beside the target's run."""
     if config.get("trainer", {}).get("logger") is False:
         return
-    import wandb
-
     from mia_lightning.wandb_audit import log_audit
-    from mia_lightning.wandb_setup import WandbOptions, check_online_possible, finish_wandb
+    from mia_lightning.wandb_setup import WandbOptions, finish_wandb, start_wandb_run
 
-    options = WandbOptions(**(config.get("wandb") or {}))
-    check_online_possible(options)
-    wandb_run = wandb.init(
-        project=options.project, entity=options.entity, dir=str(run.path), group=config.get("experiment"),
-        job_type="attack", name=f"{run.name}-attack", mode="online" if options.online else "offline",
+    wandb_run = start_wandb_run(
+        WandbOptions(**(config.get("wandb") or {})), run.path, name=f"{run.name}-attack",
+        group=config.get("experiment"), job_type="attack",
         config={"run": run.name, "attacks": list(metrics.get("attacks", {}))},
-        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
     )
     try:
         log_audit(wandb_run, metrics, scores, run.plots)

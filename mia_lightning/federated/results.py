@@ -78,14 +78,10 @@ def log_to_wandb(run: RunFolder, options: WandbOptions, group: str, config: Mapp
     import wandb
 
     from mia_lightning.wandb_audit import log_audit
-    from mia_lightning.wandb_setup import finish_wandb
+    from mia_lightning.wandb_setup import finish_wandb, start_wandb_run
 
-    wandb_run = wandb.init(
-        project=options.project, entity=options.entity, dir=str(run.path), group=group, job_type="federated",
-        name=run.name, mode="online" if options.online else "offline", tags=list(options.tags) or None,
-        config=dict(config),
-        settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
-    )
+    wandb_run = start_wandb_run(options, run.path, name=run.name, group=group, job_type="federated",
+                                config=dict(config))
     try:
         log_audit(wandb_run, metrics, scores, run.plots)
         trainings = metrics["federation"]["trainings"]
