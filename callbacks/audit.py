@@ -12,10 +12,9 @@ from mia_lightning.audit import (
     DEFAULT_ATTACKS,
     check_attack_names,
     load_snapshot_models,
+    record_audit,
     run_audit,
-    write_audit_outputs,
 )
-from mia_lightning.report import print_attack_table
 from mia_lightning.run import RunFolder
 from mia_lightning.target import evaluate_accuracy
 
@@ -61,7 +60,7 @@ class MembershipAudit(L.Callback):
             "epochs": int(trainer.current_epoch),
             "dp": pl_module.dp_summary() if hasattr(pl_module, "dp_summary") else None,
         }
-        metrics = run.update_metrics(target=target)
+        run.update_metrics(target=target)
         wandb_run = next((lg.experiment for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
         for logger in trainer.loggers:
             logger.log_metrics({f"target/{k}": v for k, v in target.items() if isinstance(v, (int, float))})
@@ -78,10 +77,7 @@ class MembershipAudit(L.Callback):
             seed=dm.seed,
             progress=self.progress,
         )
-        metrics = write_audit_outputs(run, result, dm.split.sizes())
-        print_attack_table(result.attacks, target, title=f"membership inference audit: {run.name}")
-        for name, why in result.skipped.items():
-            print(f"skipped {name}: {why}")
+        metrics = record_audit(run, result, dm.split.sizes(), target)
         if wandb_run is not None:
             from mia_lightning.wandb_audit import log_audit
 

@@ -216,3 +216,15 @@ def write_audit_outputs(run: RunFolder, result: AuditResult, split_sizes: Mappin
                     xlabel="epoch of the snapshot", ylabel="attack AUC", title="leakage vs epoch", chance=0.5)
     write_report(run.report, run.name, metrics, split_sizes, metrics.get("leakage_by_epoch"))
     return metrics
+
+
+def record_audit(run: RunFolder, result: AuditResult, split_sizes: Mapping[str, int],
+                 target: Mapping[str, Any]) -> dict[str, Any]:
+    """Write the audit's outputs and print its table (and any skipped attack): what ``fit`` and ``attack`` show."""
+    from mia_lightning.report import print_attack_table
+
+    metrics = write_audit_outputs(run, result, split_sizes)
+    print_attack_table(result.attacks, target, title=f"membership inference audit: {run.name}")
+    for name, why in result.skipped.items():
+        print(f"skipped {name}: {why}")
+    return metrics

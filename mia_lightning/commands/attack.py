@@ -8,9 +8,8 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from mia_lightning.audit import check_attack_names, load_snapshot_models, run_audit, write_audit_outputs
+from mia_lightning.audit import check_attack_names, load_snapshot_models, record_audit, run_audit
 from mia_lightning.config_loading import instantiate_datamodule
-from mia_lightning.report import print_attack_table
 from mia_lightning.run import RunFolder
 
 
@@ -74,10 +73,7 @@ def main(argv: list[str]) -> None:
         per_epoch_attacks=per_epoch or [], delta=(target.get("dp") or {}).get("delta"), seed=dm.seed,
         progress=args.progress,
     )
-    metrics = write_audit_outputs(run, result, dm.split.sizes())
-    print_attack_table(result.attacks, target, title=f"membership inference audit: {run.name}")
-    for name, why in result.skipped.items():
-        print(f"skipped {name}: {why}")
+    metrics = record_audit(run, result, dm.split.sizes(), target)
     log_to_wandb(run, config, metrics, result.scores)
 
 
