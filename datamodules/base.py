@@ -27,7 +27,7 @@ PARTS = (
     "attack_test_members",
     "attack_test_nonmembers",
 )
-SPLIT_FORMAT_VERSION = 1
+SPLIT_FORMAT_VERSION = 2  # 2 adds ``stratified``; version-1 files were drawn without stratification
 
 
 def _resolve_count(value: int | float, pool: int, what: str) -> int:
@@ -45,9 +45,30 @@ def _resolve_count(value: int | float, pool: int, what: str) -> int:
     return int(value)
 
 
+def _take(pool: np.ndarray, k: int, rng: np.random.Generator, labels: np.ndarray | None) -> np.ndarray:
+    """``k`` indices drawn from ``pool`` at random; with ``labels``, in the pool's class proportions.
+
+    Per-class quotas are rounded by largest remainder, so every class count is within one record of
+    ``k * class_share``: the drawn part has the pool's class mix, not a sample of it.
+    """
+    pool = rng.permutation(pool)
+    if labels is None:
+        return pool[:k]
+    classes, counts = np.unique(labels[pool], return_counts=True)
+    exact = k * counts / len(pool)
+    quota = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quota), kind="stable")
+    quota[order[: k - int(quota.sum())]] += 1
+    taken = [pool[labels[pool] == c][:q] for c, q in zip(classes, quota)]
+    return rng.permutation(np.concatenate(taken)) if taken else pool[:0]
+
+
 @dataclass(frozen=True)
 class MembershipSplit:
-    """Index sets into one dataset; attack sets are subsets of members / non-members, pairwise disjoint."""
+    """Index sets into one dataset; attack sets are subsets of members / non-members, pairwise disjoint.
+
+    ``stratified``: every part was drawn in its pool's class proportions (see :meth:`draw`).
+    """
 
     dataset_name: str
     dataset_size: int
@@ -58,6 +79,7 @@ class MembershipSplit:
     attack_train_nonmembers: np.ndarray
     attack_test_members: np.ndarray
     attack_test_nonmembers: np.ndarray
+    stratified: bool = False
 
     @classmethod
     def draw(
@@ -71,8 +93,19 @@ class MembershipSplit:
         attack_train_nonmembers: int | float | None = None,
         attack_test_members: int | float | None = None,
         attack_test_nonmembers: int | float | None = None,
+        labels: np.ndarray | None = None,
     ) -> MembershipSplit:
-        """Draw a split from ``seed``. Attack-set sizes default to half of the smaller pool each, balanced."""
+        """Draw a split from ``seed``. Attack-set sizes default to half of the smaller pool each, balanced.
+
+        With ``labels`` (one per record) every part is stratified: drawn in its pool's class proportions. Without,
+        per-class member counts scatter by sampling noise (about +/-20% at 25 records a class), and a model that
+        merely learns class frequencies, as DP-SGD permits, then scores the over-represented classes as members:
+        leakage that says nothing about the records.
+        """
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (dataset_size,):
+                raise ValueError(f"labels must have one entry per record ({dataset_size}), got shape {labels.shape}")
         n_mem = _resolve_count(num_members, dataset_size, "num_members")
         rest = dataset_size - n_mem
         n_non = rest if num_nonmembers is None else _resolve_count(num_nonmembers, dataset_size, "num_nonmembers")
@@ -101,21 +134,25 @@ class MembershipSplit:
                 f"({counts['attack_test_nonmembers']}) non-members exceed the {n_non} non-members"
             )
         rng = np.random.default_rng(seed)
-        perm = rng.permutation(dataset_size)
-        members, nonmembers = perm[:n_mem], perm[n_mem : n_mem + n_non]
-        mem_perm, non_perm = rng.permutation(members), rng.permutation(nonmembers)
-        a, b = counts["attack_train_members"], counts["attack_test_members"]
-        c, d = counts["attack_train_nonmembers"], counts["attack_test_nonmembers"]
+        members = _take(np.arange(dataset_size), n_mem, rng, labels)
+        nonmembers = _take(np.setdiff1d(np.arange(dataset_size), members), n_non, rng, labels)
+        train_members = _take(members, counts["attack_train_members"], rng, labels)
+        test_members = _take(np.setdiff1d(members, train_members), counts["attack_test_members"], rng, labels)
+        train_nonmembers = _take(nonmembers, counts["attack_train_nonmembers"], rng, labels)
+        test_nonmembers = _take(
+            np.setdiff1d(nonmembers, train_nonmembers), counts["attack_test_nonmembers"], rng, labels
+        )
         split = cls(
             dataset_name=dataset_name,
             dataset_size=dataset_size,
             seed=seed,
             members=np.sort(members),
             nonmembers=np.sort(nonmembers),
-            attack_train_members=np.sort(mem_perm[:a]),
-            attack_test_members=np.sort(mem_perm[a : a + b]),
-            attack_train_nonmembers=np.sort(non_perm[:c]),
-            attack_test_nonmembers=np.sort(non_perm[c : c + d]),
+            attack_train_members=np.sort(train_members),
+            attack_test_members=np.sort(test_members),
+            attack_train_nonmembers=np.sort(train_nonmembers),
+            attack_test_nonmembers=np.sort(test_nonmembers),
+            stratified=labels is not None,
         )
         split.validate()
         return split
@@ -167,6 +204,7 @@ class MembershipSplit:
                 dataset_name=self.dataset_name,
                 dataset_size=self.dataset_size,
                 seed=self.seed,
+                stratified=self.stratified,
                 **{part: getattr(self, part) for part in PARTS},
             )
         os.replace(tmp, path)
@@ -187,6 +225,7 @@ class MembershipSplit:
                     dataset_name=str(z["dataset_name"]),
                     dataset_size=int(z["dataset_size"]),
                     seed=int(z["seed"]),
+                    stratified=bool(z["stratified"]) if "stratified" in z.files else False,
                     **{part: z[part].astype(np.int64) for part in PARTS},
                 )
         except (OSError, EOFError, KeyError, zipfile.BadZipFile) as err:
@@ -201,6 +240,9 @@ class MembershipDataModule(L.LightningDataModule):
     Loaders: ``train_dataloader`` iterates the members (Poisson-sampled when ``poisson_sampling`` is set, as DP-SGD's
     accountant assumes); ``val_dataloader`` the non-members (the target's test accuracy); ``part_dataloader(part)``
     any part of the split in evaluation form, for attacks.
+
+    ``stratify`` (default true) draws every part of the split in the dataset's class proportions, so membership
+    scores cannot ride on which classes happen to be over-represented among the members.
     """
 
     dataset_name: str = "dataset"
@@ -218,6 +260,7 @@ class MembershipDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         num_workers: int = 0,
         split_file: str | None = None,
+        stratify: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1:
@@ -235,6 +278,7 @@ class MembershipDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.split_file = split_file
+        self.stratify = stratify
         self.poisson_sampling = False
         self.split: MembershipSplit | None = None
         self._train_generator: torch.Generator | None = None
@@ -258,9 +302,17 @@ class MembershipDataModule(L.LightningDataModule):
     def check_available(self) -> None:
         """Raise a clear error (where to put which file) when the data is missing; called before any work."""
 
+    def record_labels(self) -> np.ndarray:
+        """Every record's class, in dataset order (what a stratified split needs). Subclasses with the labels at
+        hand override this; the default reads them through the evaluation dataset."""
+        dataset = self.eval_dataset
+        loader = DataLoader(dataset, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        return torch.cat([torch.as_tensor(batch[1]) for batch in loader]).numpy()
+
     # -- the split ---------------------------------------------------------------------------------------------
     def draw_split(self, dataset_size: int) -> MembershipSplit:
-        return MembershipSplit.draw(self.dataset_name, dataset_size, self.seed, **self.split_sizes)
+        labels = self.record_labels() if self.stratify else None
+        return MembershipSplit.draw(self.dataset_name, dataset_size, self.seed, **self.split_sizes, labels=labels)
 
     def prepare_split(self) -> MembershipSplit:
         """Load the split file if present (and check it fits), else draw a new split and save it."""
@@ -278,6 +330,11 @@ class MembershipDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"split file {self.split_file} has sizes {split.sizes()} but the config asks for "
                     f"{expected.sizes()}; use another run folder or remove the file"
+                )
+            if split.stratified != expected.stratified:
+                raise ValueError(
+                    f"split file {self.split_file} was drawn with stratify={split.stratified} but the config asks "
+                    f"for stratify={expected.stratified}; use another run folder or remove the file"
                 )
         else:
             split = self.draw_split(n)
@@ -355,6 +412,9 @@ class ArrayMembershipDataModule(MembershipDataModule):
     @abstractmethod
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (features, labels) with labels in [0, num_classes)."""
+
+    def record_labels(self) -> np.ndarray:
+        return self.eval_dataset.tensors[1].numpy()
 
     def load_dataset(self, train: bool) -> Dataset:
         if self._eval_dataset is not None:  # no augmentation: both views are the same tensors

@@ -138,6 +138,9 @@ class CIFAR10DataModule(MembershipDataModule):
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         return v2.Compose(steps)
 
+    def record_labels(self) -> np.ndarray:
+        return self._load_pool()[1].numpy()
+
     def load_dataset(self, train: bool) -> Dataset:
         if self._eval_dataset is not None and not (train and self.augment):
             return self._eval_dataset

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -129,26 +130,33 @@ def test_isolation_sends_the_target_its_own_model_and_averages_the_others(digits
 
 
 # -- the attacker --------------------------------------------------------------------------------------------------
-def test_gradient_ascent_step_matches_per_record_gradients():
+@pytest.mark.parametrize("ascent", ["mean", "per_record"])
+def test_gradient_ascent_step_matches_a_loop_over_records(ascent):
     torch.manual_seed(0)
     model = build_model("fc", 10, (64,), widths=[16], dropout=0.5)
-    x, y = torch.rand(6, 64), torch.randint(0, 10, (6,))
+    x, y = torch.rand(70, 64), torch.randint(0, 10, (70,))  # more records than one vectorised chunk
     expected = copy.deepcopy(model).eval()
     grads = [torch.zeros_like(p) for p in expected.parameters()]
     for i in range(len(y)):  # the slow obvious way: one record at a time, averaged
         loss = F.cross_entropy(expected(x[i : i + 1]), y[i : i + 1])
-        for total, grad in zip(grads, torch.autograd.grad(loss, list(expected.parameters()))):
-            total += grad / len(y)
+        record = torch.autograd.grad(loss, list(expected.parameters()))
+        scale = 1.0
+        if ascent == "per_record":
+            scale = 1.0 / torch.sqrt(sum(g.pow(2).sum() for g in record))
+        for total, grad in zip(grads, record):
+            total += scale * grad / len(y)
     with torch.no_grad():
         for param, grad in zip(expected.parameters(), grads):
             param += 0.7 * grad
     before = F.cross_entropy(copy.deepcopy(model).eval()(x), y).item()
     model.train()
-    gradient_ascent_step(model, x, y, gamma=0.7)
+    gradient_ascent_step(model, x, y, gamma=0.7, ascent=ascent)
     assert model.training  # the mode is restored; the step itself ran without dropout
     for got, want in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert F.cross_entropy(expected(x), y).item() > before  # up the loss, not down
+    with pytest.raises(ValueError, match="unknown ascent"):
+        gradient_ascent_step(model, x, y, gamma=0.7, ascent="sideways")
 
 
 def test_active_attackers_tamper_only_where_they_sit():
@@ -251,6 +259,7 @@ def test_dp_participants_spend_target_epsilon_over_the_whole_federation(tmp_path
     (["--federation.participants", "200", "--data.init_args.num_members", "160"], "exceeds the split's 160"),
     (["--federation.participants", "3"], "cannot be dealt into 3 equal shares"),
     (["--attacker.gamma", "-0.1"], "gamma must be a finite number >= 0"),
+    (["--attacker.ascent", "sideways"], "unknown attacker.ascent 'sideways'"),
     (["--attacker.settings", "[local_isolating]"], "only global settings can isolate"),
     (["--federation.observed_rounds", "[1, 3]"], r"observed_rounds \[3\] are outside"),
     (["--attacker.target_members", "35"], "exceed the 40 records of the target participant's share"),
@@ -260,3 +269,19 @@ def test_bad_settings_are_refused_before_training(tmp_path, args, message):
         _federated(tmp_path, *args)
     run = tmp_path / "runs" / "fed"
     assert not (run / "snapshots").exists() and not (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("config", sorted(str(p) for p in
+                                          (Path(__file__).parents[1] / "configs" / "federated").glob("*.yaml")))
+def test_every_shipped_federated_config_passes_the_checks_made_before_training(tmp_path, config):
+    from mia_lightning.commands.federated import build_parser
+    from mia_lightning.federated.experiment import AttackerConfig, FederatedExperiment, FederationConfig
+    from mia_lightning.run import RunFolder
+
+    parser = build_parser()
+    cfg = parser.parse_args(["--config", config])
+    cfg.data.init_args.split_file = str(tmp_path / "split.npz")
+    data = parser.instantiate_classes(cfg).data
+    experiment = FederatedExperiment(data, cfg.model.as_dict(), FederationConfig(**cfg.federation.as_dict()),
+                                     AttackerConfig(**cfg.attacker.as_dict()), RunFolder(tmp_path), cfg.seed)
+    assert len(experiment.settings) == 6 and experiment.split.stratified

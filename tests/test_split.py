@@ -114,3 +114,52 @@ def test_digits_views_and_loaders():
     assert x.shape == (16, 1, 8, 8) and y.dtype.is_floating_point is False
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
     assert sum(len(b[1]) for b in dm.val_dataloader()) == 1797 - 100
+
+
+def test_stratified_split_keeps_every_part_in_the_class_proportions():
+    labels = np.repeat(np.arange(10), [50, 60, 70, 80, 90, 100, 110, 120, 130, 190])
+    s = draw(labels=labels, num_members=250, attack_test_nonmembers=500)
+    assert s.stratified
+    share = np.bincount(labels, minlength=10) / len(labels)
+
+    def within_one_record(idx, pool):  # largest-remainder quotas: each class within one record of its pool's share
+        pool_share = np.bincount(labels[pool], minlength=10) / len(pool)
+        return np.all(np.abs(np.bincount(labels[idx], minlength=10) - pool_share * len(idx)) < 1.0)
+
+    everything = np.arange(len(labels))
+    assert within_one_record(s.members, everything) and within_one_record(s.nonmembers, everything)
+    for part in ("attack_train_members", "attack_test_members"):
+        assert within_one_record(getattr(s, part), s.members), part
+    assert within_one_record(s.attack_train_nonmembers, s.nonmembers)
+    assert set(s.attack_train_members) | set(s.attack_test_members) <= set(s.members)
+    assert not np.intersect1d(s.attack_train_nonmembers, s.attack_test_nonmembers).size
+    unstratified = draw(num_members=250, attack_test_nonmembers=500)
+    assert not unstratified.stratified
+    assert np.abs(np.bincount(labels[unstratified.members], minlength=10) - share * 250).max() >= 1.0
+
+
+def test_stratification_is_reproducible_and_survives_the_file(tmp_path):
+    labels = np.arange(1000) % 7
+    a, b = draw(labels=labels), draw(labels=labels)
+    for part in PARTS:
+        np.testing.assert_array_equal(getattr(a, part), getattr(b, part))
+    a.save(tmp_path / "split.npz")
+    assert MembershipSplit.load(tmp_path / "split.npz").stratified
+
+
+def test_labels_must_match_the_dataset():
+    with pytest.raises(ValueError, match="one entry per record"):
+        draw(labels=np.zeros(999, dtype=np.int64))
+
+
+def test_datamodule_stratifies_by_default_and_refuses_a_split_file_drawn_otherwise(tmp_path):
+    path = tmp_path / "split.npz"
+    DigitsDataModule(num_members=250, split_file=str(path), stratify=False).prepare_split()
+    with pytest.raises(ValueError, match="stratify=False but the config asks for stratify=True"):
+        DigitsDataModule(num_members=250, split_file=str(path)).prepare_split()
+    dm = DigitsDataModule(num_members=250)
+    split = dm.prepare_split()
+    labels = dm.record_labels()
+    assert split.stratified
+    share = np.bincount(labels) / len(labels)
+    assert np.all(np.abs(np.bincount(labels[split.members], minlength=10) - 250 * share) < 1.0)

@@ -29,7 +29,7 @@ from mia_lightning.audit import default_delta as attack_delta
 from mia_lightning.dp import as_dp_config
 from mia_lightning.dp import default_delta as dp_default_delta
 from mia_lightning.features import extract_whitebox_features
-from mia_lightning.federated.adversary import PASSIVE_TRAINING, SETTINGS, ActiveAttacker, AttackSetting
+from mia_lightning.federated.adversary import ASCENTS, PASSIVE_TRAINING, SETTINGS, ActiveAttacker, AttackSetting
 from mia_lightning.federated.fedavg import Participant, ParticipantData, StateDict, quiet_lightning, run_fedavg
 from mia_lightning.federated.layout import RECORD_SETS, AttackerSizes, FederatedLayout
 from mia_lightning.metrics import evaluate_attack
@@ -87,12 +87,14 @@ class AttackerConfig(AttackerSizes):
             local_passive, local_ascent``.
         target_participant: the participant whose data the global (server) attacker targets.
         local_attacker: the participant that attacks the others' data; default the last one.
-        gamma: the gradient-ascent step, W <- W + gamma * dL/dW with L the mean cross-entropy of the attacked
-            records (the paper gives no value). The ascent compounds over rounds wherever the ascended model
-            comes back (an isolated target, a local attacker's share of the average), and cross-entropy's
-            gradient grows with the loss, so too large a step diverges: on the default digits config 1.0
-            collapses the isolated target's model to chance within 20 rounds, 0.3 (the default) leaves every
-            federation's test accuracy within 1-2 points of the honest one.
+        gamma: the gradient-ascent step (the paper gives no value). With ``ascent: per_record`` it bounds the
+            step's length in parameter space; with ``ascent: mean`` it multiplies the mean loss's gradient, which
+            grows with the loss, so the step compounds wherever the ascended model comes back (an isolated target,
+            a local attacker's share of the average): on the digits config mean-ascent gamma 1.0 collapses the
+            isolated target's model to chance within 20 rounds.
+        ascent: ``mean`` (default): W <- W + gamma * dL/dW, L the attacked records' mean cross-entropy;
+            ``per_record``: W <- W + gamma * mean_i g_i / |g_i| over their own gradients, so records the model
+            already fits are pushed as hard as those it gets wrong. See ``gradient_ascent_step``.
         attack: the attack model (``whitebox_multi_epoch``: the paper's multi-snapshot white-box attack).
         attack_kwargs: its arguments, e.g. ``{max_epochs: 50}``.
     """
@@ -101,6 +103,7 @@ class AttackerConfig(AttackerSizes):
     target_participant: int = 0
     local_attacker: int | None = None
     gamma: float = DEFAULT_GAMMA
+    ascent: str = "mean"
     attack: str = MULTI_SNAPSHOT
     attack_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -114,6 +117,8 @@ class AttackerConfig(AttackerSizes):
             AttackSetting.parse(name)
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0 <= self.gamma < math.inf:
             raise ValueError(f"attacker.gamma must be a finite number >= 0, got {self.gamma!r}")
+        if self.ascent not in ASCENTS:
+            raise ValueError(f"unknown attacker.ascent {self.ascent!r}; valid: {', '.join(ASCENTS)}")
         if self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; available: {', '.join(ATTACKS)}")
 
@@ -251,7 +256,7 @@ class FederatedExperiment:
             setting = next(s for s in self.settings if s.name == training)
             x, y = self.record_tensors(self.layout.attackers[setting.position].all())
             tampering = ActiveAttacker(setting, self.network(), x, y, self.attacker.gamma,
-                                       self.layout.target_participant, self.local_attacker)
+                                       self.layout.target_participant, self.local_attacker, self.attacker.ascent)
         saved_rounds = {*fed.observed_rounds, fed.rounds}
         evaluator = self.network()
         nonmembers = self.data.part_dataloader("nonmembers")
@@ -335,6 +340,7 @@ class FederatedExperiment:
             "target_participant": self.layout.target_participant,
             "local_attacker": self.local_attacker,
             "gamma": self.attacker.gamma,
+            "ascent": self.attacker.ascent,
             "observed_rounds": list(fed.observed_rounds),
             "trainings": {
                 name: {"test_acc_by_round": t.test_acc_by_round,

@@ -51,7 +51,8 @@ def report_text(run_name: str, metrics: Mapping[str, Any]) -> str:
         f"its uploads; the local attacker (participant {federation['local_attacker']}) targets the other "
         "participants' data and sees only the aggregates it receives. Both observe rounds "
         f"{', '.join(map(str, rounds))}. Active attackers raise the loss of the records they attack by gradient "
-        f"ascent every round (gamma {federation['gamma']:g}); the isolating server trains the target alone. Passive "
+        f"ascent every round ({federation.get('ascent', 'mean')} step, gamma {federation['gamma']:g}); the "
+        "isolating server trains the target alone. Passive "
         "settings observe the honest federation; each active setting trains its own. Each attack model learns from "
         "known members and non-members and is evaluated on disjoint target records "
         f"({some['n_members']} members / {some['n_nonmembers']} non-members). AUC and accuracy 0.5 are chance.",
