@@ -35,6 +35,7 @@ from mia_lightning.target import TargetModule
 
 TINY_MODEL = {"arch": "fc", "arch_kwargs": {"widths": [32]}, "num_classes": 10, "input_shape": (64,)}
 # A whole experiment in seconds: 4 x 40 records, 2 rounds, a small model and a 2-epoch attack.
+DIGITS_CONFIG = Path(__file__).parents[1] / "configs" / "federated" / "digits.yaml"
 TINY_RUN = [
     "--progress", "false",
     "--data.init_args.num_members", "160",
@@ -59,7 +60,8 @@ def _module(**overrides) -> TargetModule:
 
 
 def _federated(tmp_path, *args: str, run_name: str = "fed"):
-    main(["--runs_dir", str(tmp_path / "runs"), "--run_name", run_name, *TINY_RUN, *args])
+    main(["--config", str(DIGITS_CONFIG), "--runs_dir", str(tmp_path / "runs"), "--run_name", run_name, *TINY_RUN,
+          *args])
     return tmp_path / "runs" / run_name
 
 
@@ -285,3 +287,13 @@ def test_every_shipped_federated_config_passes_the_checks_made_before_training(t
     experiment = FederatedExperiment(data, cfg.model.as_dict(), FederationConfig(**cfg.federation.as_dict()),
                                      AttackerConfig(**cfg.attacker.as_dict()), RunFolder(tmp_path), cfg.seed)
     assert len(experiment.settings) == 6 and experiment.split.stratified
+
+
+def test_the_default_config_applies_only_when_none_is_given(capsys):
+    with pytest.raises(SystemExit):
+        main(["--print_config"])
+    assert "SyntheticPurchaseDataModule" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--config", str(DIGITS_CONFIG), "--print_config"])
+    out = capsys.readouterr().out
+    assert "DigitsDataModule" in out and "num_records" not in out and "per_record" not in out

@@ -1,5 +1,6 @@
-"""``python -m mia_lightning federated --config configs/federated/digits.yaml``: FedAvg under passive and active
-membership-inference attackers (Nasr et al. 2019, Table X), one run folder with every attacker's results."""
+"""``python -m mia_lightning federated [--config configs/federated/<name>.yaml]``: FedAvg under passive and active
+membership-inference attackers (Nasr et al. 2019, Table X), one run folder with every attacker's results. Without
+--config: configs/federated/purchase_synthetic.yaml (the setting that reproduces the paper's ordering)."""
 
 from __future__ import annotations
 
@@ -17,13 +18,11 @@ from mia_lightning.target import TargetModule
 from mia_lightning.wandb_setup import WandbOptions, check_online_possible
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "configs" / "federated" / "digits.yaml"
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "federated" / "purchase_synthetic.yaml"
 
 
 def build_parser() -> ArgumentParser:
-    defaults = [str(DEFAULT_CONFIG)] if DEFAULT_CONFIG.exists() else []
-    parser = ArgumentParser(prog="python -m mia_lightning federated", description=__doc__,
-                            default_config_files=defaults)
+    parser = ArgumentParser(prog="python -m mia_lightning federated", description=__doc__)
     parser.add_argument("--config", action=ActionConfigFile, help="a federated config (see configs/federated/)")
     parser.add_argument("--experiment", type=str, default="federated", help="W&B group and default run name")
     parser.add_argument("--run_name", type=str | None, default=None,
@@ -71,6 +70,8 @@ def clear_run_folder(run: RunFolder) -> None:
 
 
 def main(argv: list[str]) -> None:
+    if not any(a == "--config" or a.startswith("--config=") for a in argv) and DEFAULT_CONFIG.exists():
+        argv = ["--config", str(DEFAULT_CONFIG), *argv]  # only when none is given: other configs inherit nothing
     parser = build_parser()
     cfg = parser.parse_args(argv)
     run = resolve_run_folder(cfg)
