@@ -257,29 +257,70 @@ def tpr_at_fpr(scores: Any, labels: Any, fpr: float, alpha: float = 0.05) -> Tpr
     return _tpr_at_fpr(_roc_counts(scores, labels), fpr, alpha)
 
 
-def _empirical_epsilon(counts: _RocCounts, delta: float, alpha: float) -> float:
-    _, fpr_high = _clopper_pearson_bounds(counts.false_positives, counts.n_nonmembers, alpha)
-    _, fnr_high = _clopper_pearson_bounds(counts.n_members - counts.true_positives, counts.n_members, alpha)
+def _epsilon_bounds(false_positives: np.ndarray, false_negatives: np.ndarray, n_nonmembers: int, n_members: int,
+                    delta: float, alpha: float) -> np.ndarray:
+    """The epsilon lower bound at each threshold (given its FP and FN counts), floored at 0."""
+    _, fpr_high = _clopper_pearson_bounds(false_positives, n_nonmembers, alpha)
+    _, fnr_high = _clopper_pearson_bounds(false_negatives, n_members, alpha)
     # (eps, delta)-DP implies FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta.
     # Upper bounds are > 0 (a Clopper-Pearson upper end is never 0); non-positive numerators give no bound.
     with np.errstate(divide="ignore", invalid="ignore"):
         from_fnr = np.log(np.clip(1.0 - delta - fnr_high, 0.0, None) / fpr_high)
         from_fpr = np.log(np.clip(1.0 - delta - fpr_high, 0.0, None) / fnr_high)
-    return float(max(0.0, np.max(from_fnr), np.max(from_fpr)))
+    return np.maximum(0.0, np.maximum(from_fnr, from_fpr))
 
 
-def empirical_epsilon_lower_bound(scores: Any, labels: Any, delta: float = 0.0, alpha: float = 0.05) -> float:
+def _counts_bounds(counts: _RocCounts, delta: float, alpha: float) -> np.ndarray:
+    return _epsilon_bounds(counts.false_positives, counts.n_members - counts.true_positives, counts.n_nonmembers,
+                           counts.n_members, delta, alpha)
+
+
+def _empirical_epsilon(counts: _RocCounts, delta: float, alpha: float) -> float:
+    return float(np.max(_counts_bounds(counts, delta, alpha)))
+
+
+def _empirical_epsilon_at(scores: np.ndarray, is_member: np.ndarray, threshold: float, delta: float,
+                          alpha: float) -> float:
+    """The bound at one threshold fixed in advance ("member" for score >= threshold)."""
+    admitted = scores >= threshold
+    false_positives = np.asarray(int(np.sum(admitted & ~is_member)))
+    false_negatives = np.asarray(int(np.sum(~admitted & is_member)))
+    return float(_epsilon_bounds(false_positives, false_negatives, int((~is_member).sum()), int(is_member.sum()),
+                                 delta, alpha))
+
+
+def empirical_epsilon_lower_bound(
+    scores: Any,
+    labels: Any,
+    delta: float = 0.0,
+    alpha: float = 0.05,
+    calibration: tuple[Any, Any] | None = None,
+) -> float:
     """Lower bound on the epsilon of the mechanism that produced the model, as in Jagielski et al. (2020).
 
-    For each threshold, take Clopper-Pearson upper bounds on FPR and FNR, each one-sided at level alpha / 2
-    (the upper ends of two-sided 1 - alpha intervals), so both hold together with probability >= 1 - alpha.
-    The bound is max(log((1 - delta - FNR_hi) / FPR_hi), log((1 - delta - FPR_hi) / FNR_hi)), maximised over
-    thresholds and floored at 0. Caveat: choosing the best threshold on the same data, as Jagielski et al. do,
-    makes the stated confidence nominal; pick the threshold on separate data for a strict audit.
+    At a threshold, take Clopper-Pearson upper bounds on FPR and FNR, each one-sided at level alpha / 2 (the upper
+    ends of two-sided 1 - alpha intervals), so both hold together with probability >= 1 - alpha; the bound is
+    max(log((1 - delta - FNR_hi) / FPR_hi), log((1 - delta - FPR_hi) / FNR_hi)), floored at 0.
+
+    With ``calibration`` = (scores, labels) of other records (the attacker's own known records), the threshold
+    is the one that maximises the bound there, and the bound is taken on (scores, labels) at that threshold:
+    a strict lower bound at confidence 1 - alpha. Without it the threshold maximises the bound on (scores,
+    labels) themselves, as Jagielski et al. do: choosing among many thresholds on the data that bound them makes
+    the stated confidence nominal, no longer guaranteed.
     """
     _check_delta(delta)
     _check_alpha(alpha)
-    return _empirical_epsilon(_roc_counts(scores, labels), delta, alpha)
+    return _lower_bound(scores, labels, _roc_counts(scores, labels), delta, alpha, calibration)
+
+
+def _lower_bound(scores: Any, labels: Any, counts: _RocCounts, delta: float, alpha: float,
+                 calibration: tuple[Any, Any] | None) -> float:
+    if calibration is None:
+        return _empirical_epsilon(counts, delta, alpha)
+    reference = _roc_counts(*calibration)
+    threshold = float(reference.thresholds[int(np.argmax(_counts_bounds(reference, delta, alpha)))])
+    values, is_member = _validate(scores, labels)
+    return _empirical_epsilon_at(values, is_member, threshold, delta, alpha)
 
 
 def fpr_key(fpr: float) -> str:
@@ -293,18 +334,22 @@ def evaluate_attack(
     delta: float = 0.0,
     fprs: tuple[float, ...] = (0.001, 0.01),
     alpha: float = 0.05,
+    calibration: tuple[Any, Any] | None = None,
 ) -> dict[str, Any]:
     """One attack's entry of metrics.json (DESIGN.md contract) plus confidence intervals, JSON-ready.
 
     Keys: auc, accuracy (best balanced), advantage, tpr_at_fpr {fpr_key: value | None}, eps_lower_bound,
     n_members, n_nonmembers, and extras auc_ci ([lo, hi], None with < 2 of a class), tpr_at_fpr_ci
-    {fpr_key: [lo, hi] | None}, tpr_at_fpr_note {fpr_key: reason | None}.
+    {fpr_key: [lo, hi] | None}, tpr_at_fpr_note {fpr_key: reason | None}, eps_lower_bound_threshold
+    ("calibration": strict, threshold chosen on ``calibration``; "evaluation": nominal; see
+    :func:`empirical_epsilon_lower_bound`).
     """
     _check_delta(delta)
     _check_alpha(alpha)
     for fpr in fprs:
         _parse_fpr(fpr)
     counts = _roc_counts(scores, labels)
+    eps_lower_bound = _lower_bound(scores, labels, counts, delta, alpha, calibration)
     at_fpr = {fpr_key(fpr): _tpr_at_fpr(counts, fpr, alpha) for fpr in fprs}
     enough_for_ci = min(counts.n_members, counts.n_nonmembers) >= 2
     accuracy_advantage = _advantage(counts)
@@ -313,7 +358,7 @@ def evaluate_attack(
         "accuracy": (1.0 + accuracy_advantage) / 2.0,
         "advantage": accuracy_advantage,
         "tpr_at_fpr": {key: result.value for key, result in at_fpr.items()},
-        "eps_lower_bound": _empirical_epsilon(counts, delta, alpha),
+        "eps_lower_bound": eps_lower_bound,
         "n_members": counts.n_members,
         "n_nonmembers": counts.n_nonmembers,
         "auc_ci": list(auc_confidence_interval(scores, labels, alpha)) if enough_for_ci else None,
@@ -322,6 +367,7 @@ def evaluate_attack(
             for key, result in at_fpr.items()
         },
         "tpr_at_fpr_note": {key: result.reason for key, result in at_fpr.items()},
+        "eps_lower_bound_threshold": "evaluation" if calibration is None else "calibration",
     }
 
 

@@ -214,6 +214,58 @@ def test_epsilon_lower_bound_below_randomized_response_epsilon(seed):
     assert empirical_epsilon_lower_bound(scores, labels, delta=0.05) < bound
 
 
+def brute_force_epsilon_at(scores, labels, threshold, delta, alpha):
+    """The bound at one fixed threshold, counted record by record."""
+    fp = sum(1 for s, y in zip(scores, labels) if s >= threshold and y == 0)
+    fn = sum(1 for s, y in zip(scores, labels) if s < threshold and y == 1)
+    fpr_hi = clopper_pearson(fp, int(np.sum(labels == 0)), alpha)[1]
+    fnr_hi = clopper_pearson(fn, int(np.sum(labels == 1)), alpha)[1]
+    candidates = [math.log(n / d) for n, d in ((1 - delta - fnr_hi, fpr_hi), (1 - delta - fpr_hi, fnr_hi)) if n > 0]
+    return max([0.0, *candidates])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_strict_epsilon_bound_uses_the_threshold_chosen_on_calibration_records(seed):
+    calibration = random_with_ties(seed)
+    scores, labels = random_with_ties(seed + 10)
+    # the calibration threshold, by brute force: the operating point with the highest bound on those records
+    cal_scores, cal_labels = calibration
+    thresholds = sorted(set(cal_scores.tolist()), reverse=True)
+    best = max(thresholds, key=lambda t: brute_force_epsilon_at(cal_scores, cal_labels, t, 1e-3, 0.05))
+    expected = brute_force_epsilon_at(scores, labels, best, 1e-3, 0.05)
+    got = empirical_epsilon_lower_bound(scores, labels, 1e-3, calibration=calibration)
+    assert got == pytest.approx(expected, abs=1e-12)
+    # calibrating on the evaluation records themselves is the nominal bound
+    assert empirical_epsilon_lower_bound(scores, labels, 1e-3, calibration=(scores, labels)) == pytest.approx(
+        empirical_epsilon_lower_bound(scores, labels, 1e-3), abs=1e-12)
+
+
+def test_strict_epsilon_bound_holds_its_confidence_on_pure_noise_and_the_nominal_one_does_not():
+    """No leakage (members and non-members score alike): a valid 95% bound exceeds 0 in at most ~5% of trials;
+    choosing the threshold on the evaluation records (nominal) reports a positive epsilon more often (measured
+    2.7% against 0%)."""
+    rng = np.random.default_rng(0)
+    trials, strict_positive, nominal_positive = 300, 0, 0
+    labels = np.repeat([1, 0], 100)
+    for _ in range(trials):
+        calibration = (rng.normal(size=200), labels)
+        scores = rng.normal(size=200)
+        strict_positive += empirical_epsilon_lower_bound(scores, labels, calibration=calibration) > 0
+        nominal_positive += empirical_epsilon_lower_bound(scores, labels) > 0
+    assert strict_positive / trials <= 0.06
+    assert nominal_positive > strict_positive
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_strict_epsilon_bound_still_detects_randomized_response(seed):
+    calibration = randomized_response(1.0, 3000, seed + 100)
+    scores, labels = randomized_response(1.0, 3000, seed)
+    bound = empirical_epsilon_lower_bound(scores, labels, calibration=calibration)
+    assert 0.5 < bound <= 1.0
+    metrics = evaluate_attack(scores, labels, calibration=calibration)
+    assert metrics["eps_lower_bound"] == bound and metrics["eps_lower_bound_threshold"] == "calibration"
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_fast_paths_match_brute_force(seed):
     scores, labels = random_with_ties(seed)
@@ -277,7 +329,7 @@ def test_evaluate_attack_contract():
     metrics = evaluate_attack(scores, labels, delta=1e-5, fprs=(0.001, 0.01, 0.1))
     assert set(metrics) == {
         "auc", "accuracy", "advantage", "tpr_at_fpr", "eps_lower_bound", "n_members", "n_nonmembers",
-        "auc_ci", "tpr_at_fpr_ci", "tpr_at_fpr_note",
+        "auc_ci", "tpr_at_fpr_ci", "tpr_at_fpr_note", "eps_lower_bound_threshold",
     }  # fmt: skip
     assert list(metrics["tpr_at_fpr"]) == ["0.001", "0.01", "0.1"]
     assert json.loads(json.dumps(metrics)) == metrics

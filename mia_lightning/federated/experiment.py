@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 
 from datamodules.base import MembershipDataModule
 from mia_lightning.attacks import ATTACKS, build_attack
-from mia_lightning.audit import MULTI_SNAPSHOT
+from mia_lightning.audit import MULTI_SNAPSHOT, score_records
 from mia_lightning.audit import default_delta as attack_delta
 from mia_lightning.dp import as_dp_config
 from mia_lightning.dp import default_delta as dp_default_delta
@@ -304,12 +304,10 @@ class FederatedExperiment:
         features = {name: extract_whitebox_features(models, self.records(getattr(records, name)), spec)
                     for name in RECORD_SETS}
         attack.fit(features["known_members"], features["known_nonmembers"])
-        members = np.asarray(attack.score(features["target_members"]), dtype=np.float64)
-        nonmembers = np.asarray(attack.score(features["target_nonmembers"]), dtype=np.float64)
-        scores = np.concatenate([members, nonmembers])
-        labels = np.concatenate([np.ones(len(members), np.int64), np.zeros(len(nonmembers), np.int64)])
+        known = score_records(attack, features["known_members"], features["known_nonmembers"])
+        scores, labels = score_records(attack, features["target_members"], features["target_nonmembers"])
         delta = training.dp["delta"] if training.dp else attack_delta(self.layout.share_size)
-        metrics = evaluate_attack(scores, labels, delta=delta)
+        metrics = evaluate_attack(scores, labels, delta=delta, calibration=known)
         observes = (f"uploads of participant {self.layout.target_participant}" if setting.position == "global"
                     else f"aggregates received by participant {self.local_attacker}")
         metrics.update(training=training.name, observes=observes, observed_rounds=list(rounds),
