@@ -93,3 +93,24 @@ def test_union_spec_and_default_delta():
     assert spec.outputs == ("output",) and spec.gradients == ("fc2",) and spec.loss and spec.label
     assert default_delta(250) == pytest.approx(1e-3) and default_delta(20000) == pytest.approx(1e-5)
     assert np.isclose(default_delta(1000), 1e-3)
+
+
+def test_attack_command_reads_a_run_whose_split_predates_stratification(tmp_path, audited):
+    """Runs made before splits were stratified: config.yaml has no ``stratify`` and split.npz is unstratified."""
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    from datamodules.base import MembershipSplit
+
+    run = tmp_path / "old"
+    shutil.copytree(audited.path, run)
+    split = MembershipSplit.load(run / "split.npz")
+    dataclasses.replace(split, stratified=False).save(run / "split.npz")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["init_args"].pop("stratify")
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    attack_main(["--run", str(run), "--attacks", "[loss]", "--progress", "false"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["attacks"]["loss"]["auc"] == audited.read_metrics()["attacks"]["loss"]["auc"]

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
+from datamodules.base import MembershipSplit
 from mia_lightning.audit import check_attack_names, load_snapshot_models, record_audit, run_audit
 from mia_lightning.config_loading import instantiate_datamodule
 from mia_lightning.run import RunFolder
@@ -66,6 +67,7 @@ def main(argv: list[str]) -> None:
             f"(snapshots: {[e for e, _ in snapshots]}); refit with snapshots.last: true"
         )
     dm = instantiate_datamodule(config["data"], str(run.split))
+    dm.stratify = MembershipSplit.load(run.split).stratified  # however it was drawn: the target trained on it
     dm.prepare_split()
     target = metrics["target"]
     result = run_audit(
