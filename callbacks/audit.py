@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from mia_lightning.audit import (
     DEFAULT_ATTACKS,
     check_attack_names,
+    check_audit_settings,
     load_snapshot_models,
     record_audit,
     run_audit,
@@ -24,7 +25,9 @@ class MembershipAudit(L.Callback):
 
     Args:
         attacks: attack names (``mia_lightning.attacks.ATTACKS``); ``[]`` records the target's accuracy only.
-        attack_kwargs: per-attack settings, e.g. ``{"whitebox": {"gradient_layers": ["fc3"], "epochs": 30}}``.
+        attack_kwargs: per-attack settings, e.g. ``{"whitebox": {"gradients": ["fc3"], "max_epochs": 30}}``;
+            settings of attacks not run this time are set aside (a config may narrow ``attacks`` on the command
+            line), settings of unknown attacks refused.
         per_epoch_attacks: single-snapshot attacks also scored at every parameter snapshot (leakage vs epoch).
         run_dir: the run folder; ``None`` means the trainer's ``default_root_dir``.
         progress: progress bars for feature extraction and attack training.
@@ -42,9 +45,16 @@ class MembershipAudit(L.Callback):
         self.per_epoch_attacks = list(per_epoch_attacks or [])
         check_attack_names(self.attacks)
         check_attack_names(self.per_epoch_attacks)
-        self.attack_kwargs = dict(attack_kwargs or {})
+        check_attack_names(list(attack_kwargs or {}))
+        running = {*self.attacks, *self.per_epoch_attacks}
+        self.attack_kwargs = {k: v for k, v in (attack_kwargs or {}).items() if k in running}
         self.run_dir = run_dir
         self.progress = progress
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check every attack's settings against the target model now, before training, not after it."""
+        if stage == "fit":
+            check_audit_settings(pl_module.model, self.attacks, self.per_epoch_attacks, self.attack_kwargs)
 
     def run_folder(self, trainer: L.Trainer) -> RunFolder:
         return RunFolder(Path(self.run_dir or trainer.default_root_dir))

@@ -84,6 +84,22 @@ def _extract(models: nn.Module | Sequence[nn.Module], datamodule, spec: FeatureS
     }
 
 
+def check_audit_settings(model: nn.Module, attacks: Sequence[str], per_epoch_attacks: Sequence[str] = (),
+                         attack_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+    """Refuse what the audit would refuse (unknown attacks, settings or layers of ``model``), before any work:
+    the audit runs after training, and a typo found there costs the whole fit."""
+    attack_kwargs = dict(attack_kwargs or {})
+    check_attack_names(list(attacks))
+    check_attack_names(list(per_epoch_attacks))
+    if MULTI_SNAPSHOT in per_epoch_attacks:
+        raise ValueError(f"{MULTI_SNAPSHOT} reads all snapshots at once; it cannot be scored per epoch")
+    stray = sorted(set(attack_kwargs) - set(attacks) - set(per_epoch_attacks))
+    if stray:
+        raise ValueError(f"attack_kwargs given for attacks that do not run: {stray}")
+    for name in {*attacks, *per_epoch_attacks}:
+        build_configured_attack(name, attack_kwargs.get(name, {}), model, seed=0, progress=False)
+
+
 def build_configured_attack(name: str, kwargs: Mapping[str, Any], model: nn.Module, seed: int,
                             progress: bool) -> tuple[Attack, FeatureSpec]:
     """The attack with the audit's seed and progress setting where it takes them, and the features it needs."""
@@ -132,13 +148,7 @@ def run_audit(
         delta: for the empirical epsilon lower bound; default ``default_delta(#members)``.
     """
     attack_kwargs = dict(attack_kwargs or {})
-    check_attack_names(list(attacks))
-    check_attack_names(list(per_epoch_attacks))
-    if MULTI_SNAPSHOT in per_epoch_attacks:
-        raise ValueError(f"{MULTI_SNAPSHOT} reads all snapshots at once; it cannot be scored per epoch")
-    stray = sorted(set(attack_kwargs) - set(attacks) - set(per_epoch_attacks))
-    if stray:
-        raise ValueError(f"attack_kwargs given for attacks that do not run: {stray}")
+    check_audit_settings(final_model, attacks, per_epoch_attacks, attack_kwargs)
     split = datamodule.split
     if delta is None:
         delta = default_delta(len(split.members))
@@ -150,8 +160,6 @@ def run_audit(
 
     single = [a for a in attacks if a != MULTI_SNAPSHOT]
     built = {a: build(a, final_model) for a in single}
-    for name in {*per_epoch_attacks, *(set(attacks) - set(single))}:
-        build(name, final_model)  # settings checked before any extraction or training
     if single:
         features = _extract(final_model, datamodule, union_spec([spec for _, spec in built.values()]), progress,
                             chunk_size)

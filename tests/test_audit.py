@@ -81,6 +81,25 @@ def test_unknown_attack_in_config_fails_before_training(fit, tmp_path):
     assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--audit.attack_kwargs", '{"whitebox": {"gradients": ["fc9"]}}'], r"gradient layer\(s\) \['fc9'\]"),
+    (["--audit.attack_kwargs", '{"whitebx": {"max_epochs": 3}}'], "unknown attack"),
+    (["--audit.attack_kwargs", '{"blackbox_nn": {"no_such_setting": 1}}'], "no_such_setting"),
+])
+def test_bad_attack_settings_fail_before_training(fit, tmp_path, args, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        fit(*args, "--trainer.logger", "false")
+    assert not (tmp_path / "runs" / "t" / "checkpoints").exists()
+    assert not (tmp_path / "runs" / "t" / "metrics.json").exists()
+
+
+def test_settings_of_attacks_left_out_on_the_command_line_are_set_aside(fit):
+    run = fit("--trainer.max_epochs", "1", "--snapshots.epochs", "[]", "--trainer.logger", "false",
+              "--audit.attacks", "[loss]", "--audit.per_epoch_attacks", "[]",
+              "--audit.attack_kwargs", '{"whitebox": {"gradients": ["fc3"]}}')
+    assert list(run.read_metrics()["attacks"]) == ["loss"]
+
+
 def test_snapshot_epoch_beyond_max_epochs_fails_before_training(fit, tmp_path):
     with pytest.raises(ValueError, match="beyond trainer.max_epochs"):
         fit("--trainer.max_epochs", "2", "--snapshots.epochs", "[1, 5]", "--trainer.logger", "false")
