@@ -73,10 +73,8 @@ def gradient_ascent_step(model: nn.Module, x: Tensor, y: Tensor, gamma: float, a
     ``mean`` (the default, the paper's step): W <- W + gamma * dL/dW, L the records' mean loss. Its gradient is
     carried by the records the model gets wrong; those it already fits hardly move. ``per_record``:
     W <- W + gamma * mean_i g_i / |g_i|, g_i record i's own gradient: every attacked record is pushed equally and
-    gamma bounds the step's length. In a one-round check on synthetic Purchase (a well-fitted global model, the
-    target's upload after one local epoch, loss AUC) per_record at gamma 30-100 raised the AUC from 0.929 to
-    0.942-0.945 and the mean step did not (0.866-0.932 at gamma 3-30); configs/federated/purchase_synthetic.yaml
-    uses it (benchmarks/README.md). Eval mode: the step is the attacker's deliberate edit, not a dropout sample.
+    gamma bounds the step's length (measured against the mean step in benchmarks/README.md). Eval mode: the step
+    is the attacker's deliberate edit, not a dropout sample of it.
     """
     if not gamma >= 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
